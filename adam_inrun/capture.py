@@ -11,15 +11,17 @@ affine in its own parameters for a fixed input,
 
 so the contribution of a parameter direction :math:`D` to example :math:`i`
 is the module's own forward pass with :math:`D` as its parameters, dotted with
-the output cotangent :math:`\delta_i = \partial (\sum_j \ell_j) / \partial y_i`
-(see `ghost.py`).
+the output cotangent :math:`\delta_i = \partial \bar\ell / \partial y_i` of the
+mean loss :math:`\bar\ell = \frac1n \sum_j \ell_j` (see `ghost.py`).
 
 Capture needs no change to the user's model. An interceptor
 (`flax.linen.intercept_methods`) entered inside the traced function records
 each site's arguments and adds a zero tensor, supplied by the interceptor, to
 its output. Differentiating the summed loss with respect to those zeros gives
 every site's output cotangent in the same backward pass that gives the
-parameter gradient. The zeros' shapes are found once with `jax.eval_shape`.
+parameter gradient. Differentiating the mean, as a plain training step does,
+keeps the gradient bitwise that of the plain step and puts the step's
+:math:`1/n` into the cotangents. The zeros' shapes are found once with `jax.eval_shape`.
 """
 
 import dataclasses
@@ -99,9 +101,10 @@ class Captured(NamedTuple):
 
   Attributes:
     losses: per-example losses, shape (n,).
-    grads: gradient of the summed losses, shaped like params.
+    grads: gradient of the mean loss, shaped like params.
     arguments: per site key, the array arguments of the call.
-    cotangents: per site key, the output cotangent, shaped like the output.
+    cotangents: per site key, the cotangent of the mean loss at the site's
+      output, shaped like the output.
   """
 
   losses: jax.Array
@@ -232,7 +235,7 @@ def backward(loss_fn: Callable[..., Any], params: Any, batch: Any,
 
     with nn.intercept_methods(interceptor):
       losses = loss_fn(params, batch)
-    return jnp.sum(losses), (losses, arguments)
+    return jnp.mean(losses), (losses, arguments)
 
   zeros = {key: jnp.zeros(site.output.shape, site.output.dtype)
            for key, site in sites.items()}

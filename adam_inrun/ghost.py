@@ -70,7 +70,8 @@ def contract(loss_fn: Callable[..., Any], params: Any, batch: Any,
     direction: a pytree shaped like `params`.
 
   Returns:
-    An array of shape (n,), `<direction, grad loss_fn(params, batch)[i]>`.
+    An array of shape (n,), `<direction, grad loss_fn(params, batch)[i]> / n`:
+    the dots of the mean loss's terms, as the cotangents carry its `1/n`.
   """
   direction_leaves = jax.tree_util.tree_leaves(direction)
   dtype = jnp.result_type(captured.losses.dtype, *direction_leaves,
@@ -83,7 +84,8 @@ def contract(loss_fn: Callable[..., Any], params: Any, batch: Any,
 
   covered = covered_leaves(sites)
   if len(covered) < len(direction_leaves):
-    dots += _fallback_dots(loss_fn, params, batch, direction, covered)
+    fallback = _fallback_dots(loss_fn, params, batch, direction, covered)
+    dots += fallback / fallback.shape[0]
   return dots
 
 
@@ -159,7 +161,7 @@ def ghost_dots(loss_fn: Callable[..., Any], params: Any, batch: Any,
   _checks.direction_like(direction, params)
   sites, _ = capture.find_sites(loss_fn, params, batch, n)
   captured = capture.backward(loss_fn, params, batch, sites)
-  return contract(loss_fn, params, batch, sites, captured, direction)
+  return n * contract(loss_fn, params, batch, sites, captured, direction)
 
 
 def coverage(loss_fn: Callable[..., Any], params: Any,

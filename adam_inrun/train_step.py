@@ -1,0 +1,153 @@
+"""A jit-compiled optax training step that also values its examples."""
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from adam_inrun import _checks
+from adam_inrun import capture
+from adam_inrun import estimators
+from adam_inrun import ghost
+
+
+class StepDiagnostics(NamedTuple):
+  """The step's own fidelity check (all scalars).
+
+  Attributes:
+    total_utility: :math:`U(B) - U(\\emptyset) = L_V(w + u(0)) -
+      L_V(w + u(\\bar g))`, what the values should sum to (efficiency).
+    values_sum: the sum of the step's values.
+    efficiency_residual: `|values_sum - total_utility| / |total_utility|`.
+    val_loss: the validation loss before the step, :math:`L_V(w)`.
+    finite: whether the losses and the gradient were all finite. When it is
+      False the step's values are NaN.
+  """
+
+  total_utility: jax.Array
+  values_sum: jax.Array
+  efficiency_residual: jax.Array
+  val_loss: jax.Array
+  finite: jax.Array
+
+
+def _all_finite(tree: Any) -> jax.Array:
+  return jnp.all(jnp.asarray(
+      [jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree)]))
+
+
+def _diagnostics(inputs: estimators.AttributionInputs, new_params: Any,
+                 values: jax.Array, finite: jax.Array) -> StepDiagnostics:
+  empty = optax.apply_updates(
+      inputs.params, inputs.update_fn(optax.tree.zeros_like(inputs.grads)))
+  total = inputs.val_loss(empty) - inputs.val_loss(new_params)
+  values_sum = jnp.sum(values)
+  residual = jnp.abs(values_sum - total) / jnp.maximum(
+      jnp.abs(total), jnp.finfo(total.dtype).tiny)
+  return StepDiagnostics(total, values_sum, residual,
+                         inputs.val_loss(inputs.params), finite)
+
+
+def make_train_step(
+    loss_fn: Callable[[Any, Any], jax.Array],
+    tx: optax.GradientTransformation,
+    attribution_fn: Callable[[estimators.AttributionInputs], Any] | None = None,
+    *,
+    with_diagnostics: bool = False,
+    jit: bool = True,
+) -> Callable[..., tuple]:
+  r"""Builds a training step that returns each example's Shapley value.
+
+  The step computes the mean loss gradient, applies the real optax update,
+  and values every example of the batch in the step's game (DESIGN: the
+  utility of a coalition is the drop in validation loss its update causes),
+  using one backward pass with capture plus what `attribution_fn` needs,
+  typically one validation forward and backward pass. Training is not
+  changed: the returned parameters and optimizer state are those of the
+  plain optax step.
+
+  A step whose losses or gradient are not finite still returns (with what
+  optax makes of it; wrap `tx` in `optax.apply_if_finite` to skip such
+  updates), and its values are NaN so that they cannot be mistaken for real
+  ones; a `ledger` refuses and counts them.
+
+  Args:
+    loss_fn: `loss_fn(params, batch)` returning per-example losses, shape
+      (n,). The validation loss is its mean over `val_batch`.
+    tx: any optax transformation or chain.
+    attribution_fn: maps `AttributionInputs` to a direction shaped like the
+      parameters (see `estimators`); default `path_shapley()`.
+    with_diagnostics: also return a `StepDiagnostics`, at the cost of two
+      validation forward passes.
+    jit: compile the step with `jax.jit`; False returns the plain function,
+      for use inside a larger jitted or sharded function.
+
+  Returns:
+    `step(params, opt_state, batch, val_batch)` returning `(params,
+    opt_state, values)`, or `(params, opt_state, values, diagnostics)` with
+    `with_diagnostics`. `values` has shape (n,), in validation-loss units:
+    positive values helped.
+
+  Raises:
+    TypeError: if `tx` is not an optax transformation or `attribution_fn`
+      is not callable.
+    ValueError: at the first call, for batches or losses of the wrong shape.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, optax, adam_inrun as air
+    >>> def loss_fn(params, batch):
+    ...   return (batch['x'] @ params['w'] - batch['y']) ** 2
+    >>> tx = optax.adam(1e-2)
+    >>> params = {'w': jnp.zeros(3)}
+    >>> opt_state = tx.init(params)
+    >>> batch = {'x': jnp.ones((8, 3)), 'y': jnp.ones(8)}
+    >>> step = air.make_train_step(loss_fn, tx)
+    >>> params, opt_state, values = step(params, opt_state, batch, batch)
+    >>> values.shape
+    (8,)
+  """
+  if not isinstance(tx, optax.GradientTransformation):
+    raise TypeError(
+        'tx must be an optax GradientTransformation (such as optax.adam(1e-3)'
+        f' or an optax.chain); got {type(tx).__name__}.')
+  if attribution_fn is None:
+    attribution_fn = estimators.path_shapley()
+  if not callable(attribution_fn):
+    raise TypeError(
+        'attribution_fn must be callable, such as air.path_shapley(); got '
+        f'{type(attribution_fn).__name__}.')
+
+  def step(params, opt_state, batch, val_batch):
+    n = _checks.batch_size(batch, 'batch')
+    _checks.per_example_losses(loss_fn, params, batch, n, 'batch')
+    n_val = _checks.batch_size(val_batch, 'val_batch')
+    _checks.per_example_losses(loss_fn, params, val_batch, n_val, 'val_batch')
+    sites, _ = capture.find_sites(loss_fn, params, batch, n)
+
+    captured = capture.backward(loss_fn, params, batch, sites)
+    updates, new_opt_state = tx.update(captured.grads, opt_state, params)
+    new_params = optax.apply_updates(params, updates)
+
+    inputs = estimators.AttributionInputs(
+        params=params,
+        opt_state=opt_state,
+        grads=captured.grads,
+        updates=updates,
+        new_opt_state=new_opt_state,
+        update_fn=lambda g: tx.update(g, opt_state, params)[0],
+        val_loss=lambda p: jnp.mean(loss_fn(p, val_batch)),
+    )
+    direction = attribution_fn(inputs)
+    _checks.direction_like(direction, params)
+    values = ghost.contract(loss_fn, params, batch, sites, captured,
+                            direction)
+
+    finite = _all_finite((captured.losses, captured.grads))
+    values = jnp.where(finite, values, jnp.nan)
+    if not with_diagnostics:
+      return new_params, new_opt_state, values
+    diagnostics = _diagnostics(inputs, new_params, values, finite)
+    return new_params, new_opt_state, values, diagnostics
+
+  return jax.jit(step) if jit else step
