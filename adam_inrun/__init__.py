@@ -1,5 +1,6 @@
 """adam_inrun: optimizer-aware In-Run Data Shapley for JAX, Optax and Flax."""
 
+from adam_inrun import groundtruth
 from adam_inrun.estimators import AttributionInputs
 from adam_inrun.estimators import adam_fixed_state
 from adam_inrun.estimators import path_shapley
