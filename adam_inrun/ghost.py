@@ -23,6 +23,7 @@ Parameters no kernel covers are handled exactly by one forward-mode
 `jax.jvp` of the per-example losses along the direction restricted to them.
 """
 
+import math
 from typing import Any, Callable
 
 import jax
@@ -30,24 +31,45 @@ import jax.numpy as jnp
 
 from adam_inrun import _checks
 from adam_inrun import capture
+from adam_inrun import sketch
 
 
-def _site_dots(site: capture.Site, arguments: list[jax.Array],
-               cotangent: jax.Array, direction_leaves: list[jax.Array],
-               dtype: Any) -> jax.Array:
-  """Contribution of one call site: the layer replayed on `D`, dot `delta`."""
-  module_direction = jax.tree_util.tree_unflatten(site.param_tree, [
+def _module_direction(site: capture.Site, direction_leaves: list[jax.Array]
+                      ) -> Any:
+  """The direction restricted to one site's module, as its `params`."""
+  return jax.tree_util.tree_unflatten(site.param_tree, [
       jnp.zeros(spec.shape, spec.dtype) if index is None
       else direction_leaves[index]
       for spec, index in zip(site.param_shapes, site.param_index)
   ])
-  path, method, _ = site.key
+
+
+def _site_dots(site: capture.Site, arguments: list[jax.Array],
+               cotangent: jax.Array, module_direction: Any,
+               dtype: Any) -> jax.Array:
+  """Contribution of one call site: the layer replayed on `D`, dot `delta`."""
+  _, method, _ = site.key
   args, kwargs = site.call(arguments)
   replayed = site.module.apply({'params': module_direction}, *args,
                                method=method, **kwargs)
   n = cotangent.shape[0]
   return jnp.einsum('ij,ij->i', replayed.reshape(n, -1).astype(dtype),
                     cotangent.reshape(n, -1).astype(dtype))
+
+
+def _sketch_axes(site: capture.Site, arguments: list[jax.Array],
+                 module_direction: Any, rank: int | None
+                 ) -> tuple[int, ...] | None:
+  """The contracted axes when `site` is worth sketching at `rank`, else None."""
+  if rank is None or site.kernel not in ('Dense', 'DenseGeneral'):
+    return None
+  (x, *_), _ = site.call(arguments)
+  axes = sketch.contracted_axes(site.module, x.ndim)
+  if axes is None:
+    return None
+  num_inputs = math.prod(x.shape[a] for a in axes)
+  num_outputs = module_direction['kernel'].size // num_inputs
+  return axes if rank < min(num_inputs, num_outputs) else None
 
 
 def covered_leaves(sites: dict[capture.SiteKey, capture.Site]) -> set[int]:
@@ -58,7 +80,9 @@ def covered_leaves(sites: dict[capture.SiteKey, capture.Site]) -> set[int]:
 
 def contract(loss_fn: Callable[..., Any], params: Any, batch: Any,
              sites: dict[capture.SiteKey, capture.Site],
-             captured: capture.Captured, direction: Any) -> jax.Array:
+             captured: capture.Captured, direction: Any, *,
+             sketch_rank: int | None = None,
+             sketch_key: jax.Array | None = None) -> jax.Array:
   """Per-example dots from a captured backward pass and a direction.
 
   Args:
@@ -68,6 +92,9 @@ def contract(loss_fn: Callable[..., Any], params: Any, batch: Any,
     sites: the call sites, from `capture.find_sites`.
     captured: the result of `capture.backward` on the same inputs.
     direction: a pytree shaped like `params`.
+    sketch_rank: when set, dense layers wider than this use the approximate
+      low-rank kernel of `sketch.py` instead of the exact replay.
+    sketch_key: PRNG key of the sketch's test matrices.
 
   Returns:
     An array of shape (n,), `<direction, grad loss_fn(params, batch)[i]> / n`:
@@ -77,10 +104,21 @@ def contract(loss_fn: Callable[..., Any], params: Any, batch: Any,
   dtype = jnp.result_type(captured.losses.dtype, *direction_leaves,
                           jnp.float32)
   dots = jnp.zeros(captured.losses.shape, dtype)
+  if sketch_key is None:
+    sketch_key = jax.random.key(0)
 
-  for key, site in sites.items():
-    dots += _site_dots(site, captured.arguments[key],
-                       captured.cotangents[key], direction_leaves, dtype)
+  for number, (key, site) in enumerate(sites.items()):
+    arguments = captured.arguments[key]
+    cotangent = captured.cotangents[key]
+    module_direction = _module_direction(site, direction_leaves)
+    axes = _sketch_axes(site, arguments, module_direction, sketch_rank)
+    if axes is None:
+      dots += _site_dots(site, arguments, cotangent, module_direction, dtype)
+    else:
+      (x, *_), _ = site.call(arguments)
+      dots += sketch.dense_dots(x, cotangent, module_direction, axes,
+                                sketch_rank,
+                                jax.random.fold_in(sketch_key, number), dtype)
 
   covered = covered_leaves(sites)
   if len(covered) < len(direction_leaves):

@@ -55,6 +55,7 @@ def make_train_step(
     attribution_fn: Callable[[estimators.AttributionInputs], Any] | None = None,
     *,
     with_diagnostics: bool = False,
+    sketch_rank: int | None = None,
     jit: bool = True,
 ) -> Callable[..., tuple]:
   r"""Builds a training step that returns each example's Shapley value.
@@ -80,14 +81,26 @@ def make_train_step(
       parameters (see `estimators`); default `path_shapley()`.
     with_diagnostics: also return a `StepDiagnostics`, at the cost of two
       validation forward passes.
+    sketch_rank: when set, dense layers use the fast approximate kernel of
+      `adam_inrun.sketch`, a rank-`sketch_rank` sketch of the direction,
+      instead of the exact replay; 16 is a reasonable start. The values are
+      then approximate; compare with the exact ones on a few steps.
     jit: compile the step with `jax.jit`; False returns the plain function,
       for use inside a larger jitted or sharded function.
 
   Returns:
-    `step(params, opt_state, batch, val_batch)` returning `(params,
-    opt_state, values)`, or `(params, opt_state, values, diagnostics)` with
-    `with_diagnostics`. `values` has shape (n,), in validation-loss units:
-    positive values helped.
+    `step(params, opt_state, batch, val_batch, attribute=True)` returning
+    `(params, opt_state, values)`, or `(params, opt_state, values,
+    diagnostics)` with `with_diagnostics`. `values` has shape (n,), in
+    validation-loss units: positive values helped. With `attribute=False`
+    (a static argument: the step compiles once for each setting) the step
+    is the plain optax step and `values` and `diagnostics` are None.
+
+    Attributing only every k-th step (`attribute=(t % k == 0)`) cuts the
+    cost by about k. The run-level sum then covers 1/k of the steps: when
+    which steps are attributed does not depend on which examples they
+    hold (batches shuffled each epoch), k times it is an unbiased estimate
+    of the full run's sum, with more variance.
 
   Raises:
     TypeError: if `tx` is not an optax transformation or `attribution_fn`
@@ -118,7 +131,22 @@ def make_train_step(
         'attribution_fn must be callable, such as air.path_shapley(); got '
         f'{type(attribution_fn).__name__}.')
 
-  def step(params, opt_state, batch, val_batch):
+  if sketch_rank is not None and (
+      not isinstance(sketch_rank, int) or sketch_rank < 1):
+    raise ValueError(
+        f'sketch_rank must be None or a positive int; got {sketch_rank=}.')
+
+  def plain_step(params, opt_state, batch):
+    grads = jax.grad(lambda p: jnp.mean(loss_fn(p, batch)))(params)
+    updates, new_opt_state = tx.update(grads, opt_state, params)
+    new_params = optax.apply_updates(params, updates)
+    if with_diagnostics:
+      return new_params, new_opt_state, None, None
+    return new_params, new_opt_state, None
+
+  def step(params, opt_state, batch, val_batch, attribute=True):
+    if not attribute:
+      return plain_step(params, opt_state, batch)
     n = _checks.batch_size(batch, 'batch')
     _checks.per_example_losses(loss_fn, params, batch, n, 'batch')
     n_val = _checks.batch_size(val_batch, 'val_batch')
@@ -141,7 +169,7 @@ def make_train_step(
     direction = attribution_fn(inputs)
     _checks.direction_like(direction, params)
     values = ghost.contract(loss_fn, params, batch, sites, captured,
-                            direction)
+                            direction, sketch_rank=sketch_rank)
 
     finite = _all_finite((captured.losses, captured.grads))
     values = jnp.where(finite, values, jnp.nan)
@@ -150,4 +178,4 @@ def make_train_step(
     diagnostics = _diagnostics(inputs, new_params, values, finite)
     return new_params, new_opt_state, values, diagnostics
 
-  return jax.jit(step) if jit else step
+  return jax.jit(step, static_argnames='attribute') if jit else step
