@@ -21,6 +21,12 @@ class StepDiagnostics(NamedTuple):
     values_sum: the sum of the step's values.
     efficiency_residual: `|values_sum - total_utility| / |total_utility|`.
     val_loss: the validation loss before the step, :math:`L_V(w)`.
+    kernel_residual: `|values_sum - <d, g>| / |<d, g>|` for the direction
+      `d` and batch gradient `g`. The values must sum to that inner product
+      whatever the estimator, so a residual above rounding means a kernel
+      missed a use of some parameter (for instance an array read directly
+      outside its module's methods while also feeding a covered layer), or
+      the sketch kernel's approximation error when `sketch_rank` is set.
     finite: whether the losses and the gradient were all finite. When it is
       False the step's values are NaN.
   """
@@ -29,6 +35,7 @@ class StepDiagnostics(NamedTuple):
   values_sum: jax.Array
   efficiency_residual: jax.Array
   val_loss: jax.Array
+  kernel_residual: jax.Array
   finite: jax.Array
 
 
@@ -37,16 +44,27 @@ def _all_finite(tree: Any) -> jax.Array:
       [jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree)]))
 
 
+def _relative_gap(value: jax.Array, reference: jax.Array) -> jax.Array:
+  return jnp.abs(value - reference) / jnp.maximum(
+      jnp.abs(reference), jnp.finfo(reference.dtype).tiny)
+
+
 def _diagnostics(inputs: estimators.AttributionInputs, new_params: Any,
-                 values: jax.Array, finite: jax.Array) -> StepDiagnostics:
+                 direction: Any, values: jax.Array,
+                 finite: jax.Array) -> StepDiagnostics:
   empty = optax.apply_updates(
       inputs.params, inputs.update_fn(optax.tree.zeros_like(inputs.grads)))
   total = inputs.val_loss(empty) - inputs.val_loss(new_params)
   values_sum = jnp.sum(values)
-  residual = jnp.abs(values_sum - total) / jnp.maximum(
-      jnp.abs(total), jnp.finfo(total.dtype).tiny)
-  return StepDiagnostics(total, values_sum, residual,
-                         inputs.val_loss(inputs.params), finite)
+  return StepDiagnostics(
+      total_utility=total,
+      values_sum=values_sum,
+      efficiency_residual=_relative_gap(values_sum, total),
+      val_loss=inputs.val_loss(inputs.params),
+      kernel_residual=_relative_gap(
+          values_sum, optax.tree.vdot(direction, inputs.grads)),
+      finite=finite,
+  )
 
 
 def make_train_step(
@@ -175,7 +193,7 @@ def make_train_step(
     values = jnp.where(finite, values, jnp.nan)
     if not with_diagnostics:
       return new_params, new_opt_state, values
-    diagnostics = _diagnostics(inputs, new_params, values, finite)
+    diagnostics = _diagnostics(inputs, new_params, direction, values, finite)
     return new_params, new_opt_state, values, diagnostics
 
   return jax.jit(step, static_argnames='attribute') if jit else step

@@ -271,3 +271,29 @@ def test_adam_fixed_state_needs_adam_state(digits):
   with pytest.raises(ValueError, match='ScaleByAdamState'):
     step(digits.init_params, tx.init(digits.init_params), digits.batch(),
          digits.val_batch)
+
+
+class _DirectRead(nn.Module):
+  """Feeds a Dense layer's kernel to a matmul of its own as well."""
+
+  @nn.compact
+  def __call__(self, x):
+    dense = nn.Dense(4)
+    h = dense(x)
+    return h + x @ dense.variables['params']['kernel']
+
+
+def test_kernel_residual_flags_a_parameter_read_outside_its_module():
+  x = jax.random.normal(jax.random.key(0), (8, 4))
+  tx = optax.adam(1e-2)
+  residuals = {}
+  for name, model in (('dense', nn.Dense(4)), ('direct', _DirectRead())):
+    params = model.init(jax.random.key(1), x)
+    loss_fn = lambda p, b, model=model: jnp.sum(
+        (model.apply(p, b) - 1.0) ** 2, axis=1)
+    step = air.make_train_step(loss_fn, tx, air.sgd_proxy(0.1),
+                               with_diagnostics=True)
+    *_, diagnostics = step(params, tx.init(params), x, x)
+    residuals[name] = float(diagnostics.kernel_residual)
+  assert residuals['dense'] < 1e-6  # float32 parameters: rounding only
+  assert residuals['direct'] > 1e-2
