@@ -209,8 +209,19 @@ def find_sites(loss_fn: Callable[..., Any], params: Any, batch: Any,
     if follows and any(i is not None for i in site.param_index):
       kept[key] = site
     else:
-      dropped.append(site.name)
-  return kept, dropped
+      dropped.append(site)
+
+  # A parameter that also feeds a dropped site is left to the fallback for
+  # all of its uses, or the dropped use would be silently missed.
+  uncovered = {i for site in dropped for i in site.param_index}
+  kept = {
+      key: dataclasses.replace(site, param_index=tuple(
+          None if i in uncovered else i for i in site.param_index))
+      for key, site in kept.items()
+  }
+  kept = {key: site for key, site in kept.items()
+          if any(i is not None for i in site.param_index)}
+  return kept, [site.name for site in dropped]
 
 
 def backward(loss_fn: Callable[..., Any], params: Any, batch: Any,
