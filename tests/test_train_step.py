@@ -297,3 +297,23 @@ def test_kernel_residual_flags_a_parameter_read_outside_its_module():
     residuals[name] = float(diagnostics.kernel_residual)
   assert residuals['dense'] < 1e-6  # float32 parameters: rounding only
   assert residuals['direct'] > 1e-2
+
+
+def test_custom_attribution_fn_from_the_readme(digits):
+  def steepest_descent(inputs):
+    grads = jax.grad(inputs.val_loss)(inputs.params)
+    return optax.tree.scale(optax.tree.norm(inputs.updates), grads)
+
+  tx = optax.adamw(1e-3)
+  params, opt_state = digits.state_at(tx, 2)
+  batch = digits.batch()
+  step = air.make_train_step(digits.loss_fn, tx, steepest_descent)
+
+  _, _, values = step(params, opt_state, batch, digits.val_batch)
+
+  new_params, _ = digits.plain_step(tx)(params, opt_state, batch)
+  size = optax.tree.norm(optax.tree.sub(new_params, params))
+  direction = optax.tree.scale(size, _val_grad(digits, params))
+  want = problems.reference_dots(digits.loss_fn, params, batch, direction) / 64
+  np.testing.assert_allclose(values, want, rtol=1e-6,
+                             atol=1e-6 * np.abs(want).max())
