@@ -29,6 +29,7 @@ from typing import Any, Callable, NamedTuple
 
 import flax.linen as nn
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 
@@ -77,6 +78,9 @@ class Site:
       received an array that is not one of them (then it is not covered here).
     output: shape and dtype of the site's output.
     call: rebuilds the call's `(args, kwargs)` from its array arguments.
+    nested: whether the call ran inside a JAX transformation within
+      `loss_fn` (`lax.scan`, `lax.cond`, `jax.checkpoint`, `jax.vmap`, ...),
+      whose values cannot be used outside it.
   """
 
   key: SiteKey
@@ -87,6 +91,7 @@ class Site:
   param_index: tuple[int | None, ...]
   output: jax.ShapeDtypeStruct
   call: _Rebuild
+  nested: bool
 
   @property
   def name(self) -> str:
@@ -117,6 +122,11 @@ def _is_array(leaf: Any) -> bool:
   return isinstance(leaf, (jax.Array, np.ndarray))
 
 
+def _trace_state() -> Any:
+  """The current JAX trace; it changes inside `lax.scan`, `jax.vmap`, ..."""
+  return jax.extend.core.get_opaque_trace_state(convention='flax')
+
+
 def _kernel_of(context: Any) -> str | None:
   return KERNELS.get((type(context.module), context.method_name))
 
@@ -142,6 +152,7 @@ def _discover(loss_fn, params, batch) -> dict[SiteKey, Site]:
     leaf_index = {id(leaf): i for i, leaf in
                   enumerate(jax.tree_util.tree_leaves(params))}
     counter = _SiteCounter()
+    top = _trace_state()
 
     def interceptor(next_fun, args, kwargs, context):
       kernel = _kernel_of(context)
@@ -163,6 +174,7 @@ def _discover(loss_fn, params, batch) -> dict[SiteKey, Site]:
           output=jax.ShapeDtypeStruct(out.shape, out.dtype),
           call=_Rebuild(call_tree, tuple(
               None if _is_array(l) else l for l in call_leaves)),
+          nested=_trace_state() != top,
       )
       return out
 
@@ -185,9 +197,12 @@ def find_sites(loss_fn: Callable[..., Any], params: Any, batch: Any,
 
   A site is kept only when its output's leading size follows the batch size:
   it is `n` for this batch and `n + 1` for a batch one example larger (both
-  traced abstractly). Layers applied to something other than a batch of
-  examples (a shared table, a flattened batch, a call inside the user's own
-  `vmap`) fail that test and their parameters are left to the exact fallback.
+  traced abstractly), and the call does not run inside a JAX transformation
+  of `loss_fn` (`lax.scan`, `jax.checkpoint`, the user's own `vmap`, ...).
+  Layers applied to something other than a batch of examples (a shared
+  table, a flattened batch) fail that test, and their parameters are left
+  to the exact fallback for all their uses. So is everything when `loss_fn`
+  cannot be traced at `n + 1`.
 
   Returns:
     The kept sites by key, and a description of each site that was dropped.
@@ -196,16 +211,16 @@ def find_sites(loss_fn: Callable[..., Any], params: Any, batch: Any,
   try:
     grown = _discover(loss_fn, params, _resized(batch, n + 1))
   except Exception:  # pylint: disable=broad-except
-    # A loss_fn that only traces at this batch size: the n-sized shapes
-    # alone must then vouch for the example axis.
-    grown = None
+    # A loss_fn that only traces at this batch size cannot show which
+    # leading axes are example axes: leave everything to the fallback.
+    return {}, [site.name for site in sites.values()]
   kept, dropped = {}, []
   for key, site in sites.items():
-    follows = bool(site.output.shape) and site.output.shape[0] == n
-    if grown is not None:
-      other = grown.get(key)
-      follows = follows and other is not None and (
-          other.output.shape[:1] == (n + 1,))
+    follows = (not site.nested and bool(site.output.shape)
+               and site.output.shape[0] == n)
+    other = grown.get(key)
+    follows = follows and other is not None and (
+        other.output.shape[:1] == (n + 1,))
     if follows and any(i is not None for i in site.param_index):
       kept[key] = site
     else:
@@ -219,6 +234,8 @@ def find_sites(loss_fn: Callable[..., Any], params: Any, batch: Any,
           None if i in uncovered else i for i in site.param_index))
       for key, site in kept.items()
   }
+  dropped += [site for site in kept.values()
+              if all(i is None for i in site.param_index)]
   kept = {key: site for key, site in kept.items()
           if any(i is not None for i in site.param_index)}
   return kept, [site.name for site in dropped]
