@@ -13,6 +13,10 @@ import numpy as np
 import optax
 from sklearn import datasets
 
+# The tests' per-example references, shared with the ghost-kernel tests.
+from models import per_example_grads  # pylint: disable=unused-import
+from models import reference_dots  # pylint: disable=unused-import
+
 
 class MLP(nn.Module):
   """A ReLU multilayer perceptron with `widths` hidden units."""
@@ -82,18 +86,3 @@ class DigitsProblem:
     for _ in range(step - 1):
       params, opt_state = plain(params, opt_state, self.batch())
     return params, opt_state
-
-
-def per_example_grads(loss_fn, params, batch):
-  """Per-example gradients by `jax.vmap(jax.grad)`: the tests' reference."""
-  one = lambda p, example: loss_fn(
-      p, jax.tree.map(lambda a: a[None], example))[0]
-  return jax.vmap(jax.grad(one), in_axes=(None, 0))(params, batch)
-
-
-def reference_dots(loss_fn, params, batch, direction):
-  """`<direction, grad loss_i>` for every example, from per-example grads."""
-  grads = per_example_grads(loss_fn, params, batch)
-  return sum(
-      jnp.einsum('i...,...->i', g, d) for g, d in zip(
-          jax.tree.leaves(grads), jax.tree.leaves(direction)))
