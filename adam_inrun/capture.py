@@ -20,8 +20,9 @@ each site's arguments and adds a zero tensor, supplied by the interceptor, to
 its output. Differentiating the summed loss with respect to those zeros gives
 every site's output cotangent in the same backward pass that gives the
 parameter gradient. Differentiating the mean, as a plain training step does,
-keeps the gradient bitwise that of the plain step and puts the step's
-:math:`1/n` into the cotangents. The zeros' shapes are found once with `jax.eval_shape`.
+gives the plain step's gradient (equal up to rounding: the added zeros may
+change XLA's order of operations) and puts the step's :math:`1/n` into the
+cotangents. The zeros' shapes are found once with `jax.eval_shape`.
 """
 
 import dataclasses
