@@ -2,6 +2,7 @@
 
 from adam_inrun import groundtruth
 from adam_inrun import ledger
+from adam_inrun import sharding
 from adam_inrun.estimators import AttributionInputs
 from adam_inrun.estimators import adam_fixed_state
 from adam_inrun.estimators import path_shapley
