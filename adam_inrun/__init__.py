@@ -1,5 +1,6 @@
 """adam_inrun: optimizer-aware In-Run Data Shapley for JAX, Optax and Flax."""
 
+from adam_inrun import evaluation
 from adam_inrun import groundtruth
 from adam_inrun import ledger
 from adam_inrun import sharding
