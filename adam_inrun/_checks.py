@@ -25,13 +25,16 @@ def batch_size(batch: Any, argname: str = 'batch') -> int:
           f'{argname} needs a leading example axis.')
     sizes.setdefault(shape[0], []).append(jax.tree_util.keystr(path))
   if len(sizes) > 1:
-    described = ', '.join(f'{paths[0] or "<root>"} has {size}'
+    described = ', '.join(f'{argname}{paths[0]} has {size}'
                           for size, paths in sizes.items())
     raise ValueError(
         f'The leaves of {argname} disagree on the number of examples '
         f'(leading axis): {described}. Every leaf needs the same leading '
         'size.')
-  return next(iter(sizes))
+  (n,) = sizes
+  if n < 1:
+    raise ValueError(f'{argname} has no examples (leading axis size 0).')
+  return n
 
 
 def per_example_losses(loss_fn: Callable[..., Any], params: Any, batch: Any,

@@ -43,6 +43,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from adam_inrun import _checks
+
 LossFn = Callable[[Any, Any], jax.Array]
 
 _DEFAULT_CHUNK_SIZE = 64
@@ -125,8 +127,8 @@ def utility(
   """
   _require_float64()
   chunk_size = _check_positive_int(chunk_size, 'chunk_size')
-  n = _num_examples(batch, 'batch')
-  _num_examples(val_batch, 'val_batch')
+  n = _checks.batch_size(batch, 'batch')
+  _checks.batch_size(val_batch, 'val_batch')
   weights = _check_weights(weights, n)
   params, opt_state, batch, val_batch = _to_float64(
       (params, opt_state, batch, val_batch))
@@ -194,8 +196,8 @@ def leave_one_out(
   """
   _require_float64()
   chunk_size = _check_positive_int(chunk_size, 'chunk_size')
-  _num_examples(batch, 'batch')
-  _num_examples(val_batch, 'val_batch')
+  _checks.batch_size(batch, 'batch')
+  _checks.batch_size(val_batch, 'val_batch')
   params, opt_state, batch, val_batch = _to_float64(
       (params, opt_state, batch, val_batch))
   _check_losses(loss_fn, params, batch, val_batch)
@@ -286,8 +288,8 @@ def shapley(
   num_permutations = _check_positive_int(num_permutations, 'num_permutations')
   chunk_size = _check_positive_int(chunk_size, 'chunk_size')
   key = _check_key(key)
-  n = _num_examples(batch, 'batch')
-  _num_examples(val_batch, 'val_batch')
+  n = _checks.batch_size(batch, 'batch')
+  _checks.batch_size(val_batch, 'val_batch')
   params, opt_state, batch, val_batch = _to_float64(
       (params, opt_state, batch, val_batch))
   _check_losses(loss_fn, params, batch, val_batch)
@@ -344,7 +346,7 @@ def _utilities(loss_fn, tx, params, opt_state, batch, val_batch, weights, *,
 def _leave_one_out(loss_fn, tx, params, opt_state, batch, val_batch, *,
                    chunk_size):
   game = _coalition_game(loss_fn, tx, params, opt_state, batch, val_batch)
-  n = _num_examples(batch, 'batch')
+  n = _checks.batch_size(batch, 'batch')
 
   # Coalition 0 is the whole batch; coalition k > 0 leaves out example k - 1.
   def coalition(k):
@@ -452,30 +454,6 @@ def _check_key(key):
       f'jax.random.PRNGKey(seed); got {described}.')
 
 
-def _num_examples(batch, name):
-  """Returns the shared leading size of `batch`'s leaves, checking it."""
-  leaves = jax.tree_util.tree_leaves_with_path(batch)
-  if not leaves:
-    raise ValueError(f'{name} has no array leaves; expected a pytree of arrays '
-                     'with the examples on the leading axis.')
-  sizes = {}
-  for path, leaf in leaves:
-    where = f'{name}{jax.tree_util.keystr(path)}'
-    shape = jnp.shape(leaf)
-    if not shape:
-      raise ValueError(f'{where} is a scalar; every leaf of {name} needs a '
-                       'leading example axis.')
-    sizes.setdefault(shape[0], where)
-  if len(sizes) > 1:
-    found = ', '.join(f'{where} has {size}' for size, where in sizes.items())
-    raise ValueError(f'The leaves of {name} disagree on the number of examples '
-                     f'(leading axis size): {found}. All must be equal.')
-  (n,) = sizes
-  if n < 1:
-    raise ValueError(f'{name} has no examples (leading axis size 0).')
-  return n
-
-
 def _check_weights(weights, n):
   weights = jnp.asarray(weights)
   if not (jnp.issubdtype(weights.dtype, jnp.floating)
@@ -493,7 +471,7 @@ def _check_weights(weights, n):
 def _check_losses(loss_fn, params, batch, val_batch):
   """Checks `loss_fn` gives one float64 loss per example on both batches."""
   for name, data in (('batch', batch), ('val_batch', val_batch)):
-    n = _num_examples(data, name)
+    n = _checks.batch_size(data, name)
     out = jax.eval_shape(loss_fn, params, data)
     if not isinstance(out, jax.ShapeDtypeStruct):
       raise TypeError(
