@@ -222,7 +222,7 @@ def coverage(loss_fn: Callable[..., Any], params: Any,
     >>> model = nn.Dense(3)
     >>> params = model.init(jax.random.key(0), jnp.ones((1, 2)))
     >>> loss_fn = lambda p, b: model.apply(p, b).sum(axis=1)
-    >>> air.coverage(loss_fn, params, jnp.ones((4, 2)))['["params"]["kernel"]']
+    >>> air.coverage(loss_fn, params, jnp.ones((4, 2)))["['params']['kernel']"]
     ('Dense at <root> (call 0)',)
   """
   n = _checks.batch_size(batch)
