@@ -472,17 +472,7 @@ def _check_losses(loss_fn, params, batch, val_batch):
   """Checks `loss_fn` gives one float64 loss per example on both batches."""
   for name, data in (('batch', batch), ('val_batch', val_batch)):
     n = _checks.batch_size(data, name)
-    out = jax.eval_shape(loss_fn, params, data)
-    if not isinstance(out, jax.ShapeDtypeStruct):
-      raise TypeError(
-          f'loss_fn(params, {name}) must return one array of per-example '
-          f'losses, shape ({n},); got {out!r}.')
-    if out.shape != (n,):
-      hint = (' It returned a scalar: return per-example losses, not their '
-              'mean.' if out.shape == () else '')
-      raise ValueError(
-          f'loss_fn(params, {name}) must return per-example losses of shape '
-          f'({n},) for {n} examples; got shape {out.shape}.{hint}')
+    out = _checks.per_example_losses(loss_fn, params, data, n, name)
     if out.dtype != jnp.float64:
       raise TypeError(
           f'loss_fn(params, {name}) returned dtype {out.dtype} from float64 '
