@@ -2,8 +2,8 @@
 
 A training step returns `values`, one Shapley value per example of its batch.
 The run-level value of an example is the sum of its values over every step in
-which it was in the batch (see DESIGN.md, section 1). The ledger keeps that
-sum for every example of the dataset, in memory linear in the dataset size,
+which it was in the batch (`estimators` defines the step's game). The ledger
+keeps that sum for every example of the dataset, in memory linear in its size,
 together with what is needed to read it: how often the example was seen, a
 scale-free sum, and how often its value was negative.
 

@@ -79,8 +79,9 @@ def make_train_step(
   r"""Builds a training step that returns each example's Shapley value.
 
   The step computes the mean loss gradient, applies the real optax update,
-  and values every example of the batch in the step's game (DESIGN: the
-  utility of a coalition is the drop in validation loss its update causes),
+  and values every example of the batch in the step's game (the utility of
+  a coalition is the drop in validation loss its update causes, see
+  `estimators`),
   using one backward pass with capture plus what `attribution_fn` needs,
   typically one validation forward and backward pass. Training is not
   changed: the returned parameters and optimizer state are those of the

@@ -20,7 +20,8 @@ Counting matmuls, plain is three per layer (forward, input gradient, weight
 gradient) and ghost is also three (forward, input gradient, and the replay
 of the layer on the direction: the weight gradient is never formed), so
 ghost / plain near 1 is the ideal for matmul-bound models. A training step
-that attributes also needs the weight gradient, hence the 4/3 of DESIGN.md.
+that attributes also needs the weight gradient, so it does four matmuls per
+layer where plain training does three.
 
 The `lm` model adds a learned position table with `self.param`, which no
 kernel covers; `lm-embed-pos` is the same model with positions looked up by

@@ -9,7 +9,7 @@ check, and each test below asserts on its own line.
 The reference is the same step run on one device in float64. A split step
 sums gradients in a different order, so the two agree to rounding, not
 bitwise. Comparisons start from a warmed-up optimizer state: at Adam's first
-step the update's Jacobian is a near-cancellation (DESIGN, weak spot) that
+step the update's Jacobian is a near-cancellation (Adam's sign-like start) that
 amplifies rounding, which is not what these tests are about.
 
 Whether activations move between devices is read from the compiled HLO: a
