@@ -64,6 +64,8 @@ from sklearn import datasets
 
 import adam_inrun as air
 
+from _models import MLP
+
 ESTIMATORS = (
     ('sgd_proxy', air.sgd_proxy),
     ('adam_fixed_state', air.adam_fixed_state),
@@ -129,24 +131,6 @@ def _initialise(model: nn.Module, seed: int, example: jax.Array) -> Any:
 def _cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
   log_probs = jax.nn.log_softmax(logits, axis=-1)
   return -jnp.take_along_axis(log_probs, labels[..., None], axis=-1)[..., 0]
-
-
-class MLP(nn.Module):
-  """ReLU perceptron, 64-128-128-10 by default.
-
-  Attributes:
-    widths: hidden layer widths.
-    num_classes: output logits.
-  """
-
-  widths: tuple[int, ...] = (128, 128)
-  num_classes: int = 10
-
-  @nn.compact
-  def __call__(self, x):
-    for width in self.widths:
-      x = nn.relu(nn.Dense(width)(x))
-    return nn.Dense(self.num_classes)(x)
 
 
 def _digits_loss(params, batch):

@@ -42,15 +42,7 @@ import numpy as np
 
 import adam_inrun as air
 
-
-class MLP(nn.Module):
-  """ReLU perceptron 784-1024-1024-10."""
-
-  @nn.compact
-  def __call__(self, x):
-    x = nn.relu(nn.Dense(1024)(x))
-    x = nn.relu(nn.Dense(1024)(x))
-    return nn.Dense(10)(x)
+from _models import MLP
 
 
 class CNN(nn.Module):
@@ -137,7 +129,8 @@ def language_model(model, length, n, rng):
 
 # Each entry builds (loss_fn, params, batch) from a batch size and an rng.
 MODELS = {
-    'mlp': functools.partial(classification, MLP(), (784,)),
+    'mlp': functools.partial(classification, MLP(widths=(1024, 1024)),
+                             (784,)),
     'cnn': functools.partial(classification, CNN(), (32, 32, 3)),
     'lm': functools.partial(language_model, LM(), 64),
     'lm-embed-pos': functools.partial(

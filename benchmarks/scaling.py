@@ -40,16 +40,9 @@ import optax
 import adam_inrun as air
 from adam_inrun import sharding
 
+from _models import MLP
+
 DEVICE_COUNTS = (1, 2, 4, 8)
-
-
-class MLP(nn.Module):
-
-  @nn.compact
-  def __call__(self, x):
-    x = nn.relu(nn.Dense(512)(x))
-    x = nn.relu(nn.Dense(512)(x))
-    return nn.Dense(10)(x)
 
 
 class LM(nn.Module):
@@ -72,7 +65,7 @@ class LM(nn.Module):
 
 
 def classification(n, n_val):
-  model = MLP()
+  model = MLP(widths=(512, 512))
 
   def loss_fn(params, batch):
     log_probs = jax.nn.log_softmax(model.apply(params, batch['x']))

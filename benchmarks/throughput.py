@@ -32,14 +32,7 @@ import optax
 
 import adam_inrun as air
 
-
-class MLP(nn.Module):
-
-  @nn.compact
-  def __call__(self, x):
-    x = nn.relu(nn.Dense(1024)(x))
-    x = nn.relu(nn.Dense(1024)(x))
-    return nn.Dense(10)(x)
+from _models import MLP
 
 
 class CNN(nn.Module):
@@ -105,8 +98,8 @@ def language_model(n, n_val, length=128):
 
 
 MODELS = {
-    'mlp': ('MLP 784-1024-1024-10', lambda: classification(MLP(), (784,),
-                                                            256, 32), 256, 32),
+    'mlp': ('MLP 784-1024-1024-10', lambda: classification(
+        MLP(widths=(1024, 1024)), (784,), 256, 32), 256, 32),
     'cnn': ('CNN 2 conv + dense, 28x28', lambda: classification(
         CNN(), (28, 28, 1), 128, 16), 128, 16),
     'lm': ('LM d=256, 2 layers, 128 tokens', lambda: language_model(16, 4),
