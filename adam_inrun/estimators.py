@@ -275,9 +275,12 @@ def path_shapley(num_nodes: int = 1, *, power: float = 1.0
           optax.apply_updates(inputs.params, updates))
       # apply_updates keeps the parameters' dtype, which may be narrower
       # than the update's.
-      (marginal,) = pull_back(optax.tree.cast_like(val_grads, updates))
-      term = jax.tree.map(
-          lambda m: -weight * jnp.where(jnp.isfinite(m), m, 0.0), marginal)
+      # The pullback is linear: scaling its input keeps the weight out of
+      # the direction's last elementwise pass.
+      (marginal,) = pull_back(optax.tree.scale(
+          -weight, optax.tree.cast_like(val_grads, updates)))
+      term = jax.tree.map(lambda m: jnp.where(jnp.isfinite(m), m, 0.0),
+                          marginal)
       direction = term if direction is None else optax.tree.add(
           direction, term)
     return direction
