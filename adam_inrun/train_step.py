@@ -1,9 +1,11 @@
 """A jit-compiled optax training step that also values its examples."""
 
+import functools
 from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from adam_inrun import _checks
@@ -126,8 +128,10 @@ def make_train_step(
     `(params, opt_state, values)`, or `(params, opt_state, values,
     diagnostics)` with `with_diagnostics`. `values` has shape (n,), in
     validation-loss units: positive values helped. With `attribute=False`
-    (a static argument: the step compiles once for each setting) the step
-    is the plain optax step and `values` and `diagnostics` are None.
+    (a Python bool: the step compiles one program for each setting) the
+    step is the plain optax step and `values` and `diagnostics` are None.
+    The jitted step also has `step.lower(...)`, as a `jax.jit` function
+    does.
 
     Attributing only every k-th step (`attribute=(t % k == 0)`) cuts the
     cost by about k. The run-level sum then covers 1/k of the steps: when
@@ -137,7 +141,7 @@ def make_train_step(
 
   Raises:
     TypeError: if `tx` is not an optax transformation or `attribution_fn`
-      is not callable.
+      is not callable; at a call, if `attribute` is not a bool.
     ValueError: at the first call, for batches or losses of the wrong shape.
 
   Examples:
@@ -212,4 +216,31 @@ def make_train_step(
     diagnostics = _diagnostics(inputs, new_params, direction, values, finite)
     return new_params, new_opt_state, values, diagnostics
 
-  return jax.jit(step, static_argnames='attribute') if jit else step
+  if not jit:
+    return step
+  compiled = jax.jit(step, static_argnames='attribute')
+
+  # `attribute` is always passed by keyword and as a Python bool: jit keys
+  # its cache on how static arguments are given, so `step(...)`,
+  # `step(..., attribute=True)` and `attribute=np.True_` would otherwise
+  # compile three programs.
+  @functools.wraps(step)
+  def jitted_step(params, opt_state, batch, val_batch, attribute=True):
+    return compiled(params, opt_state, batch, val_batch,
+                    attribute=_flag(attribute))
+
+  def lower(params, opt_state, batch, val_batch, attribute=True):
+    return compiled.lower(params, opt_state, batch, val_batch,
+                          attribute=_flag(attribute))
+
+  jitted_step.lower = lower
+  return jitted_step
+
+
+def _flag(attribute: Any) -> bool:
+  if isinstance(attribute, (bool, np.bool_)):
+    return bool(attribute)
+  raise TypeError(
+      'attribute must be a Python bool, such as `t % k == 0`: it chooses '
+      'which compiled program runs, so it cannot be an array; got '
+      f'{type(attribute).__name__}.')

@@ -6,7 +6,10 @@ step `t` the state before that step is frozen, and on that step's batch
 * every estimator's attributed step (`make_train_step(...,
   with_diagnostics=True)`, built once per setting) values the examples and
   reports its efficiency residual; its new parameters are checked against
-  the plain step's;
+  the plain step's. Two rows use the fast sketch kernel (`sketch_rank` 8
+  and 16) with `path_shapley(1)`; the "Pearson vs exact" column compares
+  every row with the exact `path_shapley(1)` values of the same step, which
+  for those rows is the sketch's own error;
 * Monte-Carlo Shapley (`groundtruth.shapley`, antithetic permutations) and
   leave-one-out (`groundtruth.leave_one_out`) of the real step give the
   references.
@@ -66,16 +69,24 @@ import adam_inrun as air
 
 from _models import MLP
 
+# (name, attribution function of the learning rate, sketch rank or None).
 ESTIMATORS = (
-    ('sgd_proxy', air.sgd_proxy),
-    ('adam_fixed_state', air.adam_fixed_state),
+    ('sgd_proxy', air.sgd_proxy, None),
+    ('adam_fixed_state', air.adam_fixed_state, None),
     ('adam_fixed_state(at_midpoint)',
-     lambda rate: air.adam_fixed_state(rate, at_midpoint=True)),
-    ('path_shapley(1)', lambda rate: air.path_shapley(1)),
-    ('path_shapley(3)', lambda rate: air.path_shapley(3)),
+     lambda rate: air.adam_fixed_state(rate, at_midpoint=True), None),
+    ('path_shapley(1)', lambda rate: air.path_shapley(1), None),
+    ('path_shapley(3)', lambda rate: air.path_shapley(3), None),
     ('path_shapley(3, power=2)',
-     lambda rate: air.path_shapley(3, power=2.0)),
+     lambda rate: air.path_shapley(3, power=2.0), None),
+    # The fast kernel: the same estimator with sketched dense directions.
+    ('path_shapley(1), sketch 8', lambda rate: air.path_shapley(1), 8),
+    ('path_shapley(1), sketch 16', lambda rate: air.path_shapley(1), 16),
 )
+
+# The "Pearson vs exact" column compares each estimator with this one's
+# values on the same step: for the sketch rows, the fast kernel's error.
+EXACT = 'path_shapley(1)'
 
 REFERENCE = 'MC Shapley, half vs half'
 
@@ -256,6 +267,7 @@ class Row(NamedTuple):
   pearson_loo: float
   residual: float
   sum_ratio: float
+  pearson_exact: float = float('nan')
 
 
 def _pearson(a, b) -> float:
@@ -300,8 +312,9 @@ def plain_step(loss_fn, tx) -> Callable[..., tuple]:
 def attributed_steps(loss_fn, tx, learning_rate) -> Callable[..., list]:
   """Every estimator's step on the same state, as one function."""
   steps = [air.make_train_step(loss_fn, tx, make(learning_rate),
-                               with_diagnostics=True, jit=False)
-           for _, make in ESTIMATORS]
+                               with_diagnostics=True, sketch_rank=rank,
+                               jit=False)
+           for _, make, rank in ESTIMATORS]
 
   def run_all(params, opt_state, batch, val_batch):
     return [step(params, opt_state, batch, val_batch) for step in steps]
@@ -368,14 +381,17 @@ def measure(setting: Setting, programs: Programs, steps: list[int],
     _log(start, f'{setting.name}: step {t}, the {len(ESTIMATORS)} '
          'estimators')
     new_params, new_opt_state = programs.plain(params, opt_state, batch)
-    for (name, _), outputs in zip(ESTIMATORS, programs.attributed(*state)):
-      stepped, _, values, diagnostics = outputs
+    outputs = dict(zip((name for name, *_ in ESTIMATORS),
+                       programs.attributed(*state)))
+    exact = np.asarray(outputs[EXACT][2])
+    for name, (stepped, _, values, diagnostics) in outputs.items():
       mismatch = max(mismatch, _largest_difference(stepped, new_params))
       values = np.asarray(values)
       rows.append(Row(
           t, name, _pearson(values, shapley), _spearman(values, shapley),
           _pearson(values, loo), float(diagnostics.efficiency_residual),
-          float(diagnostics.values_sum) / float(diagnostics.total_utility)))
+          float(diagnostics.values_sum) / float(diagnostics.total_utility),
+          _pearson(values, exact)))
     params, opt_state, done = new_params, new_opt_state, t
   return rows, mismatch
 
@@ -388,8 +404,9 @@ def table(rows: list[Row]) -> str:
   """One setting's rows as a markdown table."""
   lines = [
       '| step | estimator | Pearson vs Shapley | Spearman vs Shapley '
-      '| Pearson vs LOO | efficiency residual | Σ values / (U(B) − U(∅)) |',
-      '|---:|---|---:|---:|---:|---:|---:|',
+      '| Pearson vs LOO | Pearson vs exact | efficiency residual '
+      '| Σ values / (U(B) − U(∅)) |',
+      '|---:|---|---:|---:|---:|---:|---:|---:|',
   ]
   for row in rows:
     label = row.estimator
@@ -398,6 +415,7 @@ def table(rows: list[Row]) -> str:
     lines.append(
         f'| {row.step} | {label} | {_number(row.pearson)} '
         f'| {_number(row.spearman)} | {_number(row.pearson_loo)} '
+        f'| {_number(row.pearson_exact)} '
         f'| {_number(row.residual, ".2g")} | {_number(row.sum_ratio)} |')
   return '\n'.join(lines)
 
@@ -445,7 +463,7 @@ def summary(results: dict[str, list[Row]]) -> str:
   best = []
   for t in steps:
     means = {}
-    for estimator, _ in ESTIMATORS:
+    for estimator, *_ in ESTIMATORS:
       rs = [row.pearson for name, rows in results.items() for row in rows
             if row.estimator == estimator and row.step == t
             and (name, t) in trusted]
@@ -458,7 +476,7 @@ def summary(results: dict[str, list[Row]]) -> str:
     lines.append('- Best mean Pearson R vs Shapley over the judged settings, '
                  'by step: ' + '; '.join(best) + '.')
 
-  for estimator, _ in ESTIMATORS:
+  for estimator, *_ in ESTIMATORS:
     cells = [(name, row) for name, rows in results.items() for row in rows
              if row.estimator == estimator]
     if not cells:
@@ -489,6 +507,10 @@ def summary(results: dict[str, list[Row]]) -> str:
                    + _by_step(over, 'sum_ratio'))
     if not under and not over:
       parts.append('its values sum to 0.8-1.25× the step total everywhere')
+    if estimator != EXACT:
+      worst = min(row.pearson_exact for _, row in cells)
+      parts.append(f'its Pearson R vs the exact {EXACT} values is at least '
+                   f'{worst:.3f}')
     lines.append(f'- **{estimator}**: ' + '. '.join(
         p[0].upper() + p[1:] for p in parts) + '.')
   return '\n'.join(lines)

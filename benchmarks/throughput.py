@@ -14,7 +14,11 @@ Columns:
 - `mem ×`: that, over the plain step's.
 
 `path_shapley(1), every 4` attributes one step in four (`attribute=False`
-on the others) and reports the amortised cost of four steps.
+on the others) and reports the amortised cost of four steps. `bound:
+direction only, no kernel` is plain training plus `path_shapley(1)`'s
+direction (the validation pass at the path point and the optimizer's
+pullback) with no per-example kernel at all: what any kernel, however fast,
+costs at least when it takes a fresh validation gradient every step.
 
 Run: python benchmarks/throughput.py [--repeats 15] [--models mlp,cnn,lm]
 """
@@ -117,6 +121,28 @@ def plain_step_fn(loss_fn, tx):
   return step
 
 
+def direction_only_fn(loss_fn, tx):
+  """Plain training plus `path_shapley(1)`'s direction, and no kernel.
+
+  Any per-example kernel fed a fresh validation gradient each step costs at
+  least this: it bounds the throughput of every fast kernel.
+  """
+  attribution_fn = air.path_shapley(1)
+
+  @jax.jit
+  def step(params, opt_state, batch, val_batch):
+    grads = jax.grad(lambda p: jnp.mean(loss_fn(p, batch)))(params)
+    updates, new_opt_state = tx.update(grads, opt_state, params)
+    direction = attribution_fn(air.AttributionInputs(
+        params=params, opt_state=opt_state, grads=grads, updates=updates,
+        new_opt_state=new_opt_state,
+        update_fn=lambda g: tx.update(g, opt_state, params)[0],
+        val_loss=lambda p: jnp.mean(loss_fn(p, val_batch))))
+    return (optax.apply_updates(params, updates), new_opt_state,
+            optax.tree.sum(direction))
+  return step
+
+
 def peak_bytes(compiled):
   memory = compiled.memory_analysis()
   return (memory.argument_size_in_bytes + memory.output_size_in_bytes
@@ -143,8 +169,11 @@ def bench_model(name, repeats):
       'path_shapley(1)': air.make_train_step(loss_fn, tx),
       'path_shapley(3, power=2)': air.make_train_step(
           loss_fn, tx, air.path_shapley(3, power=2.0)),
+      'path_shapley(1), sketch 8': air.make_train_step(loss_fn, tx,
+                                                       sketch_rank=8),
       'path_shapley(1), sketch 16': air.make_train_step(loss_fn, tx,
                                                         sketch_rank=16),
+      'bound: direction only, no kernel': direction_only_fn(loss_fn, tx),
   }
   args = (params, opt_state, batch, val_batch)
   compiled = {k: f.lower(*args).compile() for k, f in steps.items()}

@@ -236,14 +236,41 @@ def test_non_finite_step_returns_nan_values_and_says_so(digits):
     np.testing.assert_array_equal(got, want)
 
 
-def test_step_compiles_once_for_many_batches(digits):
+def test_step_traces_once_per_mode_for_many_batches(digits):
+  # `loss_fn` runs in Python only while a program is being traced.
+  traces = []
+
+  def loss_fn(params, batch):
+    traces.append(None)
+    return digits.loss_fn(params, batch)
+
   tx = optax.adam(1e-3)
   params, opt_state = digits.init_params, tx.init(digits.init_params)
-  step = air.make_train_step(digits.loss_fn, tx)
-  for _ in range(4):
+  step = air.make_train_step(loss_fn, tx)
+  params, opt_state, _ = step(params, opt_state, digits.batch(),
+                              digits.val_batch)
+  first = len(traces)
+  assert first > 0
+  for attribute in (True, np.True_, True):
     params, opt_state, _ = step(params, opt_state, digits.batch(),
-                                digits.val_batch)
-  assert step._cache_size() == 1  # pylint: disable=protected-access
+                                digits.val_batch, attribute=attribute)
+  assert len(traces) == first
+  # Attributing every other step adds one program, the plain step.
+  step(params, opt_state, digits.batch(), digits.val_batch, attribute=False)
+  second = len(traces)
+  assert second > first
+  for t in range(4):
+    params, opt_state, _ = step(params, opt_state, digits.batch(),
+                                digits.val_batch, attribute=t % 2 == 0)
+  assert len(traces) == second
+
+
+def test_attribute_must_be_a_python_bool(digits):
+  tx = optax.adam(1e-3)
+  step = air.make_train_step(digits.loss_fn, tx)
+  with pytest.raises(TypeError, match='attribute must be a Python bool'):
+    step(digits.init_params, tx.init(digits.init_params), digits.batch(),
+         digits.val_batch, attribute=jnp.asarray(True))
 
 
 def test_step_rejects_bad_arguments(digits):
