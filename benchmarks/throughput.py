@@ -6,7 +6,9 @@ so that machine noise hits all of them alike. Compile time is excluded.
 Columns:
 
 - `ms`: median wall time of one step (and the spread, 25th-75th percentile);
-- `ratio`: plain time / step time, the throughput relative to plain training;
+- `ratio`: plain time / step time, the throughput relative to plain
+  training: the median over rounds of the ratio within each round, since a
+  round runs every step back to back and so meets the same machine load;
 - `flop ratio`: plain FLOPs / step FLOPs from XLA's cost analysis of the two
   compiled executables: what counting FLOPs predicts the ratio to be;
 - `of bound`: ratio / flop ratio;
@@ -210,7 +212,7 @@ def bench_model(name, repeats):
     ms = np.asarray(times[k]) * 1e3
     median = float(np.median(ms))
     q1, q3 = np.percentile(ms, [25, 75])
-    ratio = plain_ms / median
+    ratio = float(np.median(np.asarray(times[plain]) / np.asarray(times[k])))
     if k in compiled:
       flop_ratio = plain_flops / flops(compiled[k])
       peak = peak_bytes(compiled[k])
