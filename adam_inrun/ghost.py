@@ -53,8 +53,12 @@ def _site_dots(site: capture.Site, arguments: list[jax.Array],
   replayed = site.module.apply({'params': module_direction}, *args,
                                method=method, **kwargs)
   n = cotangent.shape[0]
-  return jnp.einsum('ij,ij->i', replayed.reshape(n, -1).astype(dtype),
-                    cotangent.reshape(n, -1).astype(dtype))
+  products = (replayed.reshape(n, -1).astype(dtype)
+              * cotangent.reshape(n, -1).astype(dtype))
+  # Summed by a matrix-vector product: XLA on CPU runs a row sum fused
+  # after the replay's matmul markedly slower (about 0.7 ms of 5 for a
+  # 256 x 1024 x 1024 layer).
+  return products @ jnp.ones(products.shape[1], dtype)
 
 
 def _sketch_axes(site: capture.Site, arguments: list[jax.Array],

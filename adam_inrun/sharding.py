@@ -245,5 +245,6 @@ def data_parallel_step(
   # None leaves the parameters and optimizer state in the layout they come
   # with; XLA keeps it for the updated ones, as the tests check.
   out_shardings = (None, None, examples) + ((None,) if with_diagnostics else ())
-  return jax.jit(step, in_shardings=(None, None, examples, examples),
-                 out_shardings=out_shardings, static_argnames='attribute')
+  return train_step.jit_step(
+      step, in_shardings=(None, None, examples, examples),
+      out_shardings=out_shardings)

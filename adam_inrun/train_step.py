@@ -216,14 +216,28 @@ def make_train_step(
     diagnostics = _diagnostics(inputs, new_params, direction, values, finite)
     return new_params, new_opt_state, values, diagnostics
 
-  if not jit:
-    return step
-  compiled = jax.jit(step, static_argnames='attribute')
+  return jit_step(step) if jit else step
 
-  # `attribute` is always passed by keyword and as a Python bool: jit keys
-  # its cache on how static arguments are given, so `step(...)`,
-  # `step(..., attribute=True)` and `attribute=np.True_` would otherwise
-  # compile three programs.
+
+def jit_step(step: Callable[..., Any],
+             **jit_kwargs: Any) -> Callable[..., Any]:
+  """`jax.jit` of `step(params, opt_state, batch, val_batch, attribute)`.
+
+  `attribute` is static, and always passed on by keyword as a Python bool:
+  jit keys its cache on how static arguments are given, so `step(...)`,
+  `step(..., attribute=True)` and `attribute=np.True_` would otherwise
+  compile three programs. The result also has `lower`, as a jitted function
+  does.
+
+  Args:
+    step: the step function.
+    **jit_kwargs: more arguments for `jax.jit`, such as shardings.
+
+  Returns:
+    The jitted step.
+  """
+  compiled = jax.jit(step, static_argnames='attribute', **jit_kwargs)
+
   @functools.wraps(step)
   def jitted_step(params, opt_state, batch, val_batch, attribute=True):
     return compiled(params, opt_state, batch, val_batch,

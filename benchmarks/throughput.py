@@ -212,7 +212,8 @@ def bench_model(name, repeats):
     ms = np.asarray(times[k]) * 1e3
     median = float(np.median(ms))
     q1, q3 = np.percentile(ms, [25, 75])
-    ratio = float(np.median(np.asarray(times[plain]) / np.asarray(times[k])))
+    ratio = float(np.median(np.asarray(times[plain])
+                            / np.asarray(times[k])))
     if k in compiled:
       flop_ratio = plain_flops / flops(compiled[k])
       peak = peak_bytes(compiled[k])
