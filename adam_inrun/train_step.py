@@ -223,11 +223,12 @@ def jit_step(step: Callable[..., Any],
              **jit_kwargs: Any) -> Callable[..., Any]:
   """`jax.jit` of `step(params, opt_state, batch, val_batch, attribute)`.
 
-  `attribute` is static, and always passed on by keyword as a Python bool:
-  jit keys its cache on how static arguments are given, so `step(...)`,
-  `step(..., attribute=True)` and `attribute=np.True_` would otherwise
-  compile three programs. The result also has `lower`, as a jitted function
-  does.
+  `attribute` is static, and always passed on positionally as a Python
+  bool: jit keys its cache on how static arguments are given, so
+  `step(...)`, `step(..., attribute=True)` and `attribute=np.True_` would
+  otherwise compile three programs, and jit refuses keyword arguments when
+  `in_shardings` is given. The result also has `lower`, as a jitted
+  function does.
 
   Args:
     step: the step function.
@@ -236,16 +237,15 @@ def jit_step(step: Callable[..., Any],
   Returns:
     The jitted step.
   """
-  compiled = jax.jit(step, static_argnames='attribute', **jit_kwargs)
+  compiled = jax.jit(step, static_argnums=4, **jit_kwargs)
 
   @functools.wraps(step)
   def jitted_step(params, opt_state, batch, val_batch, attribute=True):
-    return compiled(params, opt_state, batch, val_batch,
-                    attribute=_flag(attribute))
+    return compiled(params, opt_state, batch, val_batch, _flag(attribute))
 
   def lower(params, opt_state, batch, val_batch, attribute=True):
     return compiled.lower(params, opt_state, batch, val_batch,
-                          attribute=_flag(attribute))
+                          _flag(attribute))
 
   jitted_step.lower = lower
   return jitted_step

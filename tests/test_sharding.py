@@ -286,6 +286,11 @@ def check_helper_places_host_arrays(name: str) -> None:
   assert _relative_error(diagnostics.total_utility,
                          expected[3].total_utility) <= RTOL
   _expect_split(values, jax.sharding.PartitionSpec('data'), NUM_DEVICES)
+  # A plain step (every-k attribution) through the same sharded helper.
+  plain = step(setup.params, setup.opt_state, setup.batch, setup.val_batch,
+               attribute=False)
+  assert plain[2] is None and plain[3] is None
+  _expect_equal(plain[:2], expected[:2])
 
 
 def _fsdp_spec(leaf, axis: str, size: int):
