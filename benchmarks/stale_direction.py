@@ -23,36 +23,23 @@ import jax
 
 jax.config.update('jax_enable_x64', True)
 
-import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-import numpy as np
-import optax
+import numpy as np  # pylint: disable=g-import-not-at-top
 
 import adam_inrun as air
 import fidelity
+import throughput
 
 REFRESH_EVERY = (2, 4, 8, 16)
 
 
 def directions(setting: fidelity.Setting, num_steps: int):
   """Yields `(params, batch, direction)` for each step of a plain run."""
-  tx, loss_fn = setting.tx, setting.loss_fn
-  attribution_fn = air.path_shapley(1)
-
-  @jax.jit
-  def step(params, opt_state, batch):
-    grads = jax.grad(lambda p: jnp.mean(loss_fn(p, batch)))(params)
-    updates, new_opt_state = tx.update(grads, opt_state, params)
-    direction = attribution_fn(air.AttributionInputs(
-        params=params, opt_state=opt_state, grads=grads, updates=updates,
-        new_opt_state=new_opt_state,
-        update_fn=lambda g: tx.update(g, opt_state, params)[0],
-        val_loss=lambda p: jnp.mean(loss_fn(p, setting.val_batch))))
-    return optax.apply_updates(params, updates), new_opt_state, direction
-
-  params, opt_state = setting.params, tx.init(setting.params)
+  step = jax.jit(throughput.direction_step(setting.loss_fn, setting.tx))
+  params, opt_state = setting.params, setting.tx.init(setting.params)
   for _ in range(num_steps):
     batch = setting.next_batch()
-    new_params, new_opt_state, direction = step(params, opt_state, batch)
+    new_params, new_opt_state, direction = step(params, opt_state, batch,
+                                                setting.val_batch)
     yield params, batch, direction
     params, opt_state = new_params, new_opt_state
 

@@ -123,15 +123,14 @@ def plain_step_fn(loss_fn, tx):
   return step
 
 
-def direction_only_fn(loss_fn, tx):
+def direction_step(loss_fn, tx):
   """Plain training plus `path_shapley(1)`'s direction, and no kernel.
 
-  Any per-example kernel fed a fresh validation gradient each step costs at
-  least this: it bounds the throughput of every fast kernel.
+  Returns `step(params, opt_state, batch, val_batch)` returning the updated
+  parameters and optimizer state and the direction, not jitted.
   """
   attribution_fn = air.path_shapley(1)
 
-  @jax.jit
   def step(params, opt_state, batch, val_batch):
     grads = jax.grad(lambda p: jnp.mean(loss_fn(p, batch)))(params)
     updates, new_opt_state = tx.update(grads, opt_state, params)
@@ -140,9 +139,23 @@ def direction_only_fn(loss_fn, tx):
         new_opt_state=new_opt_state,
         update_fn=lambda g: tx.update(g, opt_state, params)[0],
         val_loss=lambda p: jnp.mean(loss_fn(p, val_batch))))
-    return (optax.apply_updates(params, updates), new_opt_state,
-            optax.tree.sum(direction))
+    return optax.apply_updates(params, updates), new_opt_state, direction
   return step
+
+
+def direction_only_fn(loss_fn, tx):
+  """`direction_step`, jitted, with the direction summed to keep it alive.
+
+  Any per-example kernel fed a fresh validation gradient each step costs at
+  least this: it bounds the throughput of every fast kernel.
+  """
+  step = direction_step(loss_fn, tx)
+
+  @jax.jit
+  def direction_only(params, opt_state, batch, val_batch):
+    params, opt_state, direction = step(params, opt_state, batch, val_batch)
+    return params, opt_state, optax.tree.sum(direction)
+  return direction_only
 
 
 def peak_bytes(compiled):
