@@ -10,8 +10,9 @@ For each model, three jitted programs run on the same parameters and batch:
 
 Compile time is excluded; the three are called in turn, repeat after repeat,
 so machine noise hits them alike, and each reports its median wall time.
-Columns: model, batch size n, the three medians in ms, ghost / plain, vmap /
-ghost (the speed-up over per-example gradients), whether `air.coverage` puts
+Columns: model, batch size n, the three medians in ms, ghost / plain and
+vmap / ghost (the speed-up over per-example gradients), each the median
+over repeats of the ratio within one repeat, whether `air.coverage` puts
 every parameter in a kernel (no: some go to the exact but slower `jax.jvp`
 fallback, a forward-mode pass through the whole model), and the largest
 difference between the ghost and vmap dots over the largest vmap dot.
@@ -27,7 +28,7 @@ The `lm` model adds a learned position table with `self.param`, which no
 kernel covers; `lm-embed-pos` is the same model with positions looked up by
 `nn.Embed` per example, so every parameter is in a kernel.
 
-Run: python benchmarks/ghost_kernel.py [--repeats 10] [--models mlp,cnn,lm]
+Run: python benchmarks/ghost_kernel.py [--repeats 20] [--models mlp,cnn,lm]
 """
 
 import argparse
@@ -161,7 +162,7 @@ def programs(loss_fn):
 
 
 def measure(name, n, repeats, rng):
-  """Median milliseconds of each program, and whether kernels cover all."""
+  """Median milliseconds and ratios, whether kernels cover all, the error."""
   loss_fn, params, batch = MODELS[name](n, rng)
   direction = jax.tree.map(
       lambda p: jnp.asarray(rng.standard_normal(p.shape), p.dtype), params)
@@ -181,7 +182,11 @@ def measure(name, n, repeats, rng):
   coverage = air.coverage(loss_fn, params, batch)
   covered = all(sites != ('jvp',) for sites in coverage.values())
   medians = {label: statistics.median(t) for label, t in times.items()}
-  return medians, covered, error
+  ratio = lambda a, b: statistics.median(
+      x / y for x, y in zip(times[a], times[b]))
+  ratios = {'ghost/plain': ratio('ghost', 'plain'),
+            'vmap/ghost': ratio('vmap', 'ghost')}
+  return medians, ratios, covered, error
 
 
 def main():
@@ -190,7 +195,7 @@ def main():
                       help=f'comma-separated, from {", ".join(MODELS)}')
   parser.add_argument('--batch', type=int, default=None,
                       help='batch size n for every model (default per model)')
-  parser.add_argument('--repeats', type=int, default=10)
+  parser.add_argument('--repeats', type=int, default=20)
   parser.add_argument('--seed', type=int, default=0)
   args = parser.parse_args()
   rng = np.random.default_rng(args.seed)
@@ -202,10 +207,10 @@ def main():
   print('|---|---|---|---|---|---|---|---|---|')
   for name in args.models.split(','):
     n = args.batch or DEFAULT_BATCH[name]
-    ms, covered, error = measure(name, n, args.repeats, rng)
+    ms, ratios, covered, error = measure(name, n, args.repeats, rng)
     print(f"| {name} | {n} | {ms['plain']:.2f} | {ms['ghost']:.2f} "
-          f"| {ms['vmap']:.2f} | {ms['ghost'] / ms['plain']:.2f} "
-          f"| {ms['vmap'] / ms['ghost']:.1f} | {'yes' if covered else 'no'} "
+          f"| {ms['vmap']:.2f} | {ratios['ghost/plain']:.2f} "
+          f"| {ratios['vmap/ghost']:.1f} | {'yes' if covered else 'no'} "
           f'| {error:.1e} |', flush=True)
 
 
