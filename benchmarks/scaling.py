@@ -31,7 +31,6 @@ import subprocess
 import sys
 import time
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -40,28 +39,9 @@ import optax
 import adam_inrun as air
 from adam_inrun import sharding
 
-from _models import MLP
+from _models import LM, MLP
 
 DEVICE_COUNTS = (1, 2, 4, 8)
-
-
-class LM(nn.Module):
-  """Two pre-norm transformer blocks with tied logits."""
-
-  width: int = 128
-  vocab: int = 256
-
-  @nn.compact
-  def __call__(self, tokens):
-    embed = nn.Embed(self.vocab, self.width)
-    x = embed(tokens)
-    mask = nn.make_causal_mask(tokens)
-    for _ in range(2):
-      x = x + nn.MultiHeadDotProductAttention(num_heads=4)(
-          nn.LayerNorm()(x), mask=mask)
-      hidden = nn.Dense(4 * self.width)(nn.LayerNorm()(x))
-      x = x + nn.Dense(self.width)(nn.gelu(hidden))
-    return embed.attend(nn.LayerNorm()(x))
 
 
 def classification(n, n_val):
@@ -79,7 +59,7 @@ def classification(n, n_val):
 
 
 def language_model(n, n_val, length=64):
-  model = LM()
+  model = LM(width=128)
 
   def loss_fn(params, batch):
     tokens = batch['tokens']

@@ -38,7 +38,7 @@ import optax
 
 import adam_inrun as air
 
-from _models import MLP
+from _models import LM, MLP
 
 
 class CNN(nn.Module):
@@ -48,32 +48,6 @@ class CNN(nn.Module):
     x = nn.relu(nn.Conv(32, (3, 3), strides=2, padding='SAME')(x))
     x = nn.relu(nn.Conv(64, (3, 3), strides=2, padding='SAME')(x))
     return nn.Dense(10)(x.reshape(x.shape[0], -1))
-
-
-class Block(nn.Module):
-  heads: int
-
-  @nn.compact
-  def __call__(self, x, mask):
-    x = x + nn.MultiHeadDotProductAttention(num_heads=self.heads)(
-        nn.LayerNorm()(x), mask=mask)
-    h = nn.Dense(4 * x.shape[-1])(nn.LayerNorm()(x))
-    return x + nn.Dense(x.shape[-1])(nn.gelu(h))
-
-
-class LM(nn.Module):
-  width: int = 256
-  depth: int = 2
-  vocab: int = 256
-
-  @nn.compact
-  def __call__(self, tokens):
-    embed = nn.Embed(self.vocab, self.width)
-    x = embed(tokens)
-    mask = nn.make_causal_mask(tokens)
-    for _ in range(self.depth):
-      x = Block(heads=4)(x, mask)
-    return embed.attend(nn.LayerNorm()(x))
 
 
 def classification(model, x_shape, n, n_val):
