@@ -261,10 +261,7 @@ def path_shapley(num_nodes: int = 1, *, power: float = 1.0
   nodes, weights = _quadrature(num_nodes, power)
 
   def attribution_fn(inputs: AttributionInputs) -> Any:
-    # Starting from the first term rather than from zeros: XLA on CPU
-    # materialises a constant-zero tree and fuses it into the kernel's
-    # matmuls, which cost a fifth of the step on a wide MLP.
-    direction = None
+    direction = optax.tree.zeros_like(inputs.grads)
     for node, weight in zip(nodes, weights):
       # Rematerialised: the pullback recomputes the update's intermediates
       # from the gradient rather than holding them through the validation
@@ -275,14 +272,10 @@ def path_shapley(num_nodes: int = 1, *, power: float = 1.0
           optax.apply_updates(inputs.params, updates))
       # apply_updates keeps the parameters' dtype, which may be narrower
       # than the update's.
-      # The pullback is linear: scaling its input keeps the weight out of
-      # the direction's last elementwise pass.
-      (marginal,) = pull_back(optax.tree.scale(
-          -weight, optax.tree.cast_like(val_grads, updates)))
-      term = jax.tree.map(lambda m: jnp.where(jnp.isfinite(m), m, 0.0),
-                          marginal)
-      direction = term if direction is None else optax.tree.add(
-          direction, term)
+      (marginal,) = pull_back(optax.tree.cast_like(val_grads, updates))
+      direction = jax.tree.map(
+          lambda d, m: d - weight * jnp.where(jnp.isfinite(m), m, 0.0),
+          direction, marginal)
     return direction
 
   return attribution_fn
